@@ -8,9 +8,9 @@ ARGS ?=
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.lock
-	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv
+	$(VENV)/bin/uv pip sync --quiet --python $(PY) requirements.lock
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
 	touch $@
 
 run: $(VENV)/.installed  ## the whole pipeline on the local testbed
@@ -22,8 +22,7 @@ test: $(VENV)/.installed  ## the tests, ruff included
 bench: $(VENV)/.installed  ## environment throughput benchmark
 	$(PY) -m experiments.bench $(ARGS)
 
-lock:  ## re-resolve requirements.lock from pyproject.toml
-	$(VENV)/bin/pip install --quiet uv
+lock: $(VENV)/.installed  ## re-resolve requirements.lock from pyproject.toml
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 clean:
