@@ -13,7 +13,11 @@ from dataclasses import dataclass
 # The fault types a replica applies itself (all of collectors.schema.FAULT_TYPES but pod_kill,
 # which the supervisor carries out).
 REPLICA_FAULTS: tuple[str, ...] = ("cpu_stress", "memory_leak", "latency", "error", "network_delay")
-_STRESS_PERIOD_S = 0.04  # seconds of one busy + idle cycle of cpu_stress
+_STRESS_PERIOD_S = 0.1  # seconds of one busy + idle cycle of cpu_stress (the CFS period)
+# Busy share of a cycle at severity 1: a stressor in a pod shares the pod's CPU quota with the
+# application, which keeps a share of it; with the whole cycle busy, a replica would not even
+# answer its /metrics scrape, which no real stressed pod does.
+_STRESS_MAX_DUTY = 0.75
 _LEAK_TICK_S = 0.1
 _LEAK_CHUNK_BYTES = 1 << 20
 
@@ -91,10 +95,9 @@ class ReplicaFaults:
         # whole slice: the replica's event loop stalls as a pod's does when its CPU quota is
         # used up by a stressor and CFS throttles it.
         per_item_s = _seconds_per_sum_item()
-        while (duty := self.severity("cpu_stress")) > 0:
+        while (duty := _STRESS_MAX_DUTY * self.severity("cpu_stress")) > 0:
             sum(range(int(duty * _STRESS_PERIOD_S / per_item_s)))
-            if duty < 1.0:
-                time.sleep((1.0 - duty) * _STRESS_PERIOD_S)
+            time.sleep((1.0 - duty) * _STRESS_PERIOD_S)
 
     async def _leak_loop(self) -> None:
         owed_bytes = 0.0
