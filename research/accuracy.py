@@ -190,19 +190,25 @@ def write_report(result: dict[str, Any], path: str | Path) -> Path:
 
 def plot_trajectories(
     bundle: ModelBundle,
-    test: WindowSet,
+    test: WindowSet | str | Path,
     path: str | Path,
     horizon: int = 10,
     n_windows: int = 3,
     metrics: tuple[str, ...] = ("throughput_rps", "latency_p95_s", "cpu_cores"),
     train: WindowSet | None = None,
 ) -> Path:
-    """Plots predicted (model, persistence, linear) against true trajectories; writes a PNG."""
+    """Plots predicted (model, persistence, linear) against true trajectories; writes a PNG.
+
+    test: held-out windows, or a dataset folder (its test split; the linear model is then fitted
+    on its train split).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not isinstance(test, WindowSet):
+        train, test = held_out(bundle, test, horizon)
     length, norm = bundle.cfg.window, bundle.normaliser
     idx = np.linspace(0, len(test) - 1, n_windows).astype(int)
     batch = test.batch(idx)

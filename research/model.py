@@ -32,6 +32,7 @@ inputs only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -385,11 +386,16 @@ def init_params(
     cfg: DynamicsConfig, key: jax.Array, normaliser: Normaliser | None = None
 ) -> dict[str, Any]:
     """Ensemble parameters {"net": (K, ...) member params, "norm": Normaliser}."""
-    member_keys = jax.random.split(key, cfg.ensemble)
-    dummy = jnp.zeros((1, cfg.window, cfg.token_dim), jnp.float32)
-    net = jax.vmap(lambda k: _member(cfg).init(k, dummy)["params"])(member_keys)
+    net = _init_net(cfg, key)
     norm = normaliser if normaliser is not None else Normaliser.identity(cfg.n_services)
     return {"net": net, "norm": norm}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_net(cfg: DynamicsConfig, key: jax.Array) -> dict[str, Any]:
+    member_keys = jax.random.split(key, cfg.ensemble)
+    dummy = jnp.zeros((1, cfg.window, cfg.token_dim), jnp.float32)
+    return jax.vmap(lambda k: _member(cfg).init(k, dummy)["params"])(member_keys)
 
 
 def predict(params, cfg: DynamicsConfig, window: StepInput) -> tuple[jnp.ndarray, jnp.ndarray]:

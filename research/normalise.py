@@ -8,8 +8,16 @@ Every metric x >= 0 (service s, metric m) is mapped in two stages:
 `unit` is the median of the feature's non-null values (floored per metric so a feature that is
 mostly zero still gets a sensible scale), `mu` and `sd` are the mean and standard deviation of y.
 `decode` inverts this on the image of `encode` (y is taken as >= 0), so a decoded value is never
-negative. `delta_unit` holds the scales of the latency spreads p95 - p50 and p99 - p95 that the
-model's output layer predicts (see `research.model`).
+negative.
+
+Features whose order is a physical bound share one set of statistics per service (`TIED`):
+request rate and throughput, and the three latency quantiles. Encoding and decoding are then the
+same monotone map for both sides of each bound, so `throughput <= request rate` and
+`p50 <= p95 <= p99` survive the round trip through normalised space exactly (up to float
+rounding of that one map), however small the values are.
+
+`delta_unit` holds the scales of the latency spreads p95 - p50 and p99 - p95 that the model's
+output layer predicts (see `research.model`).
 """
 
 from __future__ import annotations
@@ -37,6 +45,11 @@ UNIT_FLOOR: dict[str, float] = {
     "net_tx_bytes_per_s": 100.0,
 }
 SD_FLOOR = 0.1  # smallest standard deviation of y, so a constant feature does not blow up z
+# Groups of metrics that share normalisation statistics per service (see the module docstring).
+TIED: tuple[tuple[str, ...], ...] = (
+    ("request_rate_rps", "throughput_rps"),
+    ("latency_p50_s", "latency_p95_s", "latency_p99_s"),
+)
 
 
 @struct.dataclass
@@ -103,17 +116,18 @@ def fit_normaliser(metrics: np.ndarray, mask: np.ndarray) -> Normaliser:
         mask: (T, S, M) 1 where the value was measured.
     """
     n_services = metrics.shape[1]
-    floors = np.array([UNIT_FLOOR[name] for name in METRIC_COLUMNS], np.float64)
     unit = np.empty((n_services, len(METRIC_COLUMNS)))
     mu = np.zeros_like(unit)
     sd = np.ones_like(unit)
     for s in range(n_services):
-        for m in range(len(METRIC_COLUMNS)):
-            values = np.maximum(metrics[:, s, m][mask[:, s, m] > 0], 0.0)
-            unit[s, m] = max(np.median(values) if values.size else 0.0, floors[m])
-            y = np.log1p(values / unit[s, m])
+        for group in _groups():
+            values = np.concatenate([metrics[:, s, m][mask[:, s, m] > 0] for m in group])
+            values = np.maximum(values, 0.0)
+            floor = max(UNIT_FLOOR[METRIC_COLUMNS[m]] for m in group)
+            unit[s, group] = max(np.median(values) if values.size else 0.0, floor)
+            y = np.log1p(values / unit[s, group[0]])
             if y.size:
-                mu[s, m], sd[s, m] = y.mean(), max(y.std(), SD_FLOOR)
+                mu[s, group], sd[s, group] = y.mean(), max(y.std(), SD_FLOOR)
     delta_unit = _delta_units(metrics, mask)
     return Normaliser(
         unit=jnp.asarray(unit, jnp.float32),
@@ -121,6 +135,13 @@ def fit_normaliser(metrics: np.ndarray, mask: np.ndarray) -> Normaliser:
         sd=jnp.asarray(sd, jnp.float32),
         delta_unit=jnp.asarray(delta_unit, jnp.float32),
     )
+
+
+def _groups() -> list[list[int]]:
+    """Metric indices grouped by shared statistics: the `TIED` groups, every other alone."""
+    tied = [[METRIC_COLUMNS.index(name) for name in group] for group in TIED]
+    alone = [[m] for m in range(len(METRIC_COLUMNS)) if not any(m in g for g in tied)]
+    return tied + alone
 
 
 def _delta_units(metrics: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -157,6 +157,26 @@ def make_eval_loss(cfg: dyn.DynamicsConfig, rollout_weight: float):
     )
 
 
+_COMPILED: dict = {}
+
+
+def compiled_steps(model_cfg: dyn.DynamicsConfig, cfg: TrainConfig):
+    """(optimizer, train step, eval loss) for a pair of configs, built once per process.
+
+    Repeated `fit_windows` calls with the same configs (tests, several seeds) reuse the jitted
+    functions instead of compiling them again.
+    """
+    key = (model_cfg, cfg)
+    if key not in _COMPILED:
+        optimizer = make_optimizer(cfg)
+        _COMPILED[key] = (
+            optimizer,
+            make_train_step(model_cfg, optimizer, cfg.rollout_weight),
+            make_eval_loss(model_cfg, cfg.rollout_weight),
+        )
+    return _COMPILED[key]
+
+
 def horizon_weights(horizon: int, current: int) -> jnp.ndarray:
     """(H,) 1 for steps 1..current, 0 after."""
     return (jnp.arange(horizon) < current).astype(jnp.float32)
@@ -228,10 +248,8 @@ def fit_windows(
         raise ConfigError(f"windows carry horizon {train.horizon} < train.horizon {cfg.horizon}")
     init_key = jax.random.key(cfg.seed)
     net = params["net"] if params is not None else dyn.init_params(model_cfg, init_key)["net"]
-    optimizer = make_optimizer(cfg)
+    optimizer, train_step, eval_loss = compiled_steps(model_cfg, cfg)
     opt_state = optimizer.init(net)
-    train_step = make_train_step(model_cfg, optimizer, cfg.rollout_weight)
-    eval_loss = make_eval_loss(model_cfg, cfg.rollout_weight)
     sampler = CurriculumSampler(train, cfg, cfg.seed)
 
     best = (np.inf, net, 0)
