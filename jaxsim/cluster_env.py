@@ -9,6 +9,7 @@ the frozen `ClusterParams`, so another checkpoint of the same shape does not rec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ class EpisodeStarts:
     steps before each (N starts, L window, K members)."""
 
     window: dyn.StepInput  # rows (N, L, ...) of steps t0 - L .. t0 - 1 (drivers up to t0)
-    cache: dyn.Cache  # keys/values (K, N, n_layers, L, H, D), pos (K, N)
+    cache: dyn.Cache  # keys/values (N, K, n_layers, L, H, D), pos (N, K)
     metrics: jax.Array  # (N, S, M) float32 physical metrics of step t0
     replicas: jax.Array  # (N, S) int32 desired at t0
     ready: jax.Array  # (N, S) int32 ready at t0
@@ -75,7 +76,7 @@ class ClusterState:
     pending: jax.Array  # (S, P) int32
     faults: jax.Array  # (S, F) float32 severity
     fault_steps_left: jax.Array  # (S, F) int32
-    cache: dyn.Cache  # keys/values (K, 1, n_layers, L, H, D), pos (K, 1)
+    cache: dyn.Cache  # keys/values (K, n_layers, L, H, D), pos (K,)
     window: jax.Array  # (W, S, M) float32 normalised observations, newest last
     member: jax.Array  # () int32 ensemble member whose prediction is followed
     disagreement: jax.Array  # () float32 std over members of the entry p95 (normalised)
@@ -226,7 +227,7 @@ class ClusterEnv(environment.Environment[ClusterState, ClusterParams]):
             fault_steps_left=jnp.where(faults > 0, params.faults.duration_low_steps, 0).astype(
                 jnp.int32
             ),
-            cache=jax.tree.map(lambda x: x[:, i, None], starts.cache),
+            cache=jax.tree.map(lambda x: x[i], starts.cache),
             window=window,
             member=member.astype(jnp.int32),
             disagreement=jnp.zeros((), jnp.float32),
@@ -290,15 +291,14 @@ class ClusterEnv(environment.Environment[ClusterState, ClusterParams]):
         """Feed the current step with the next step's drivers to the model; returns the next
         metrics (S, M) physical and normalised, the members' disagreement and the new cache."""
         step = dyn.StepInput(
-            metrics=state.z[None],
-            mask=jnp.ones((1, *state.z.shape), jnp.float32),
-            replicas=jnp.stack([state.replicas, state.ready], axis=-1)[None].astype(jnp.float32),
-            action=replicas[None].astype(jnp.float32),
-            entry_rate=rate[None],
-            faults=faults[None],
+            metrics=state.z,
+            mask=jnp.ones(state.z.shape, jnp.float32),
+            replicas=jnp.stack([state.replicas, state.ready], axis=-1).astype(jnp.float32),
+            action=replicas.astype(jnp.float32),
+            entry_rate=rate,
+            faults=faults,
         )
-        mean, scale, cache = dyn.step_cached(params.model, self.cfg, state.cache, step)
-        mean, scale = mean[:, 0], scale[:, 0]  # (K, S, M)
+        mean, scale, cache = cached_step(params.model, self.cfg, state.cache, step)  # (K, S, M)
         disagreement = mean[:, self.layout.entry_index, _P95].std()
         z = mean[member]
         norm = params.model["norm"]
@@ -324,6 +324,49 @@ class ClusterEnv(environment.Environment[ClusterState, ClusterParams]):
     def observation_space(self, params: ClusterParams | None = None) -> spaces.Box:
         size = core.observation_size(self.layout, self.window_steps)
         return spaces.Box(-jnp.inf, jnp.inf, (size,), jnp.float32)
+
+
+def cached_step(
+    model: dict, cfg: dyn.DynamicsConfig, cache: dyn.Cache, step: dyn.StepInput
+) -> tuple[jax.Array, jax.Array, dyn.Cache]:
+    """`research.model.step_cached` for ONE environment, laid out for vmapping over many.
+
+    cache: keys/values (K, n_layers, L, H, D), pos (K,); step: one `StepInput` without batch
+    axis. Returns mean, scale (K, S, M) normalised and the new cache; equal to `step_cached`
+    (tests/test_cluster_env.py checks it). The difference is memory traffic only: no batch axis
+    of one to move around, no transposes of the cache, attention as broadcast-multiply and
+    reductions over the cache in place instead of tiny batched matrix products.
+    """
+    fn = jax.vmap(_member_step, in_axes=(0, None, None, 0, 0, 0, None))
+    mean, scale, keys, values, pos = fn(model["net"], model["norm"], cfg, *cache, step)
+    return mean, scale, dyn.Cache(keys, values, pos)
+
+
+def _member_step(p, norm, cfg, keys, values, pos, step):
+    module = dyn.Member(cfg)
+    tok = dyn.tokens(norm, cfg, step)[None, None]  # (1, 1, token_dim)
+    e, k, v = module.apply({"params": p}, tok, pos[None, None], method=dyn.Member.keys_values)
+    slot = (jnp.arange(cfg.window) == pos % cfg.window)[None, :, None, None]
+    keys = jnp.where(slot, k[0, 0][:, None], keys)  # (n_layers, L, H, D)
+    values = jnp.where(slot, v[0, 0][:, None], values)
+    raw = module.apply({"params": p}, e[0, 0], pos, keys, values, method=_readout)
+    mean, scale = dyn.bounded_output(norm, cfg, step.metrics, step.entry_rate, raw)
+    return mean, scale, keys, values, pos + 1
+
+
+def _readout(module: dyn.Member, x, pos, keys, values):
+    """`Member.readout` for one query x (d,) at step pos over keys/values (n_layers, L, H, D)."""
+    cfg = module.cfg
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    for layer in range(cfg.n_layers):
+        q = module.q[layer](module.q_norm[layer](x))  # (H, D)
+        q = dyn.rotate(cfg, q[None], pos[None])[0]
+        logits = (q[None] * keys[layer]).sum(-1) * scale  # (L, H)
+        attn = jax.nn.softmax(logits, axis=0)
+        x = x + module.o[layer]((attn[..., None] * values[layer]).sum(0))
+        hidden = jax.nn.relu(module.mlp_in[layer](module.mlp_norm[layer](x)))
+        x = x + module.mlp_out[layer](hidden)
+    return module.head(module.out_norm(x))
 
 
 def enforce_bounds(metrics: jax.Array) -> jax.Array:
@@ -385,6 +428,7 @@ def _episode_starts(model, cfg, runs, trace_steps, n_starts, horizon, seed) -> E
     )
     window = jax.tree.map(jnp.asarray, window)
     cache = jax.jit(dyn.init_cache, static_argnums=1)(model, cfg, window)
+    cache = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), cache)  # (N, K, ...)
 
     def at_t0(get):
         return np.stack([get(runs[r])[t] for r, t in zip(run_index, t0, strict=True)])

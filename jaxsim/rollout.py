@@ -113,14 +113,13 @@ def batched_step(env, params, policy: Policy, key: jax.Array, obs, state, mesh=N
     policy_keys = _constrain(jax.random.split(policy_key, n_envs), mesh)
     env_keys = _constrain(jax.random.split(env_key, n_envs), mesh)
     actions = jax.vmap(policy)(policy_keys, obs, state)
-    obs, state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-        env_keys, state, actions, params
+    obs, state, reward, terminated, truncated, info = vector_step(
+        env, env_keys, state, actions, params
     )
     obs, state = _constrain((obs, state), mesh)
     return obs, state, reward, terminated | truncated, info
 
 
-@partial(jax.jit, static_argnames=("env", "policy", "n_envs", "n_steps", "collect", "mesh"))
 def rollout(
     env,
     params,
@@ -131,12 +130,20 @@ def rollout(
     collect: Collect = collect_rewards,
     mesh: Mesh | None = None,
 ):
-    """Reset `n_envs` environments and run `n_steps` steps under `lax.scan`.
+    """Reset `n_envs` environments and run `n_steps` steps under `lax.scan` (jitted).
 
     Returns (final obs, final state, collected) where each leaf of `collected` has a leading
-    time axis T = n_steps. With `mesh` (one axis named `envs`) the batch is sharded over it;
-    the result equals the unsharded rollout's.
+    time axis T = n_steps. With `mesh` (one axis named `envs`) the batch is sharded over it and
+    the parameters are replicated on its devices; the result equals the unsharded rollout's.
     """
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params, key = jax.device_put((params, key), replicated)
+    return _rollout(env, params, key, policy, n_envs, n_steps, collect, mesh)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4, 5, 6, 7))
+def _rollout(env, params, key, policy, n_envs, n_steps, collect, mesh):
     reset_key, steps_key = jax.random.split(key)
     obs, state = batched_reset(env, params, reset_key, n_envs, mesh)
 
