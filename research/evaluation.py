@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.agents import heuristics
-from research.agents.policies import Policy, from_hpa
+from research.agents.policies import Policy, from_hpa, heuristic_suite
 
 INFO_KEYS = ("slo_violation", "error_ratio", "replicas_total", "latency_p95_s", "scaling_actions")
 
@@ -162,3 +162,55 @@ def tune_hpa(
         best = search(fine.astype(np.float32))
     best = max(table, key=lambda t: table[t]["return"])
     return base.replace(target_utilisation=best), {"best_target": best, "candidates": table}
+
+
+def default_hpa(
+    env, cpu_request_cores: float, target_utilisation: float = 0.5, **overrides
+) -> heuristics.HPAParams:
+    """The Kubernetes defaults (15 s sync, 300 s scale-down window, tolerance 0.1) mapped to
+    `env`'s step, with its replica bounds and the given CPU request and target."""
+    return heuristics.hpa_params_for(
+        env.interval_s,
+        target_utilisation=target_utilisation,
+        cpu_request_cores=cpu_request_cores,
+        min_replicas=env.min_replicas,
+        max_replicas=env.max_replicas,
+        **overrides,
+    )
+
+
+def compare_policies(
+    envs: dict[str, tuple[Any, Any]],
+    hpa: heuristics.HPAParams,
+    key: jax.Array,
+    n_episodes: int,
+    actor: Policy | None = None,
+    tune_in: str | None = None,
+    hpa_targets: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+) -> dict[str, Any]:
+    """Every policy in every environment of `envs` ({name: (env, params)}), on the same traces.
+
+    The tuned HPA's target utilisation is searched in `envs[tune_in]` (the learned environment
+    when there is one: tuning must not see the truth it is judged in). Policies: ppo (`actor`,
+    when given), hpa, tuned_hpa, static_min, static_max, threshold, random.
+    Returns {"evaluation": {env: {policy: figures}}, "tuned_hpa": {tuned_in, best_target,
+    candidates}}.
+    """
+    tune_in = tune_in or next(iter(envs))
+    tune_env, tune_params = envs[tune_in]
+    tuned, table = tune_hpa(tune_env, tune_params, hpa, key, tuple(hpa_targets), n_episodes)
+    evaluations = {}
+    for name, (env, params) in envs.items():
+        suite = heuristic_suite(env, hpa, tuned)
+        if actor is not None:
+            suite = {"ppo": actor, **suite}
+        evaluations[name] = evaluate_suite(env, params, suite, n_episodes, key)
+    candidates = {str(k): v for k, v in table["candidates"].items()}
+    return {
+        "evaluation": evaluations,
+        "tuned_hpa": {
+            "tuned_in": tune_in,
+            "best_target": table["best_target"],
+            "candidates": candidates,
+        },
+    }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -250,10 +251,62 @@ def train(key: jax.Array, env, env_params, cfg: PPOConfig) -> TrainResult:
     return TrainResult(runner.train_state.params, metrics)
 
 
+def _seeds_fn(env, cfg: PPOConfig):
+    """`train` vmapped over keys and jitted; the environment parameters are an argument, so
+    another parameter set of the same shapes (e.g. a new checkpoint) does not recompile."""
+    return jax.jit(jax.vmap(lambda k, p: train(k, env, p, cfg), in_axes=(0, None)))
+
+
 def train_seeds(keys: jax.Array, env, env_params, cfg: PPOConfig) -> TrainResult:
-    """Trains one agent per key (N, 2) at once, vmapped and jitted; leaves lead with N."""
-    fn = jax.jit(jax.vmap(lambda k: train(k, env, env_params, cfg)))
-    return fn(keys)
+    """Trains one agent per key (N keys) at once, vmapped and jitted; leaves lead with N."""
+    return _seeds_fn(env, cfg)(keys, env_params)
+
+
+def train_and_select(
+    env, env_params, cfg: PPOConfig, n_seeds: int = 2, seed: int = 0, logger=None
+) -> tuple[Any, dict[str, Any]]:
+    """Trains `n_seeds` agents at once and keeps the best (`select_seed`).
+
+    Logs the kept seed's per-update metrics and the run's figures to `logger` (a
+    `research.logger.MetricsLogger`, optional). Returns the kept parameters and a JSON-able
+    summary: best_seed, final_return per seed, env_steps (all seeds), compile_s, train_s,
+    steps_per_s (without compilation) and steps_per_s_total (with it).
+    """
+    sizes = derived_sizes(cfg)
+    keys = jax.random.split(jax.random.key(seed), n_seeds)
+    started = time.perf_counter()
+    compiled = _seeds_fn(env, cfg).lower(keys, env_params).compile()
+    compiled_at = time.perf_counter()
+    result = compiled(keys, env_params)
+    jax.block_until_ready(result.params)
+    finished = time.perf_counter()
+
+    best, params = select_seed(result)
+    env_steps = n_seeds * sizes.num_updates * sizes.batch_size
+    returns = np.asarray(result.metrics["train/episode_return"])
+    summary = {
+        "best_seed": best,
+        "n_seeds": n_seeds,
+        "final_return": returns[:, -5:].mean(axis=1).tolist(),
+        "env_steps": env_steps,
+        "compile_s": compiled_at - started,
+        "train_s": finished - compiled_at,
+        "steps_per_s": env_steps / (finished - compiled_at),
+        "steps_per_s_total": env_steps / (finished - started),
+    }
+    log.info(
+        "PPO: %d seeds x %d steps in %.1f s (+ %.1f s compile), %.0f steps/s; best seed %d",
+        n_seeds,
+        sizes.num_updates * sizes.batch_size,
+        summary["train_s"],
+        summary["compile_s"],
+        summary["steps_per_s"],
+        best,
+    )
+    if logger is not None:
+        log_metrics(logger, result.metrics, cfg, seed=best)
+        logger.summary({f"train/{k}": v for k, v in summary.items() if k != "final_return"})
+    return params, summary
 
 
 def select_seed(result: TrainResult, last_updates: int = 5) -> tuple[int, Any]:
