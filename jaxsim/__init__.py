@@ -1,0 +1,5 @@
+"""gymnax environments: the learned ClusterEnv and the reference queueing environment."""
+
+from research import runtime
+
+runtime.configure()

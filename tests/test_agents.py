@@ -141,3 +141,18 @@ def test_actor_policy_acts_within_the_action_space(toy, trained):
     action, _ = actor.act((), obs, state, params, jax.random.key(1))
     assert action.shape == (len(env.services),) and action.dtype == jnp.int32
     assert bool(((action >= 0) & (action <= 2 * env.max_delta)).all())
+
+
+@pytest.mark.timeout(180)
+def test_seeds_vmapped_in_the_reference_env_finish():
+    # Seeds vmapped over a real environment (research.runtime says why the CPU scheduler is
+    # configured: the pipeline's two-seed PPO hung without it). A hang fails by the timeout.
+    from jaxsim.queueing_env import QueueingEnv
+
+    env = QueueingEnv(window_steps=4)
+    params = env.default_params
+    cfg = ppo.PPOConfig(total_timesteps=8192, num_envs=32, num_steps=32)
+    result = ppo.train_seeds(jax.random.split(jax.random.key(3), 2), env, params, cfg)
+    returns = np.asarray(result.metrics["train/episode_return"])
+    assert returns.shape == (2, ppo.derived_sizes(cfg).num_updates)
+    assert np.isfinite(returns).all()

@@ -34,7 +34,7 @@ def pipeline(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
 
 
-def testbed_processes() -> list[psutil.Process]:
+def running_testbed_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
@@ -71,7 +71,7 @@ def test_quick_pipeline_report_has_every_key_finite(quick_run):
     assert (quick_run / "report.md").read_text().startswith("# kubeworld pipeline report")
     for plot in report["plots"]:
         assert (quick_run / plot).stat().st_size > 0
-    assert not testbed_processes()
+    assert not running_testbed_processes()
 
 
 def test_resume_skips_finished_stages(quick_run):
@@ -122,6 +122,26 @@ def test_interrupt_during_collection_keeps_the_data_and_stops_the_testbed(tmp_pa
     assert rows["step"].max() < 300  # stopped early, not after the configured duration
     assert not (run_dir / "report.json").exists()
     deadline = time.monotonic() + 10
-    while testbed_processes() and time.monotonic() < deadline:
+    while running_testbed_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not testbed_processes()
+    assert not running_testbed_processes()
+
+
+def test_two_point_multirun_on_the_quick_profile(tmp_path):
+    # Hyperparameters across runs (Hydra multirun), seeds vmapped inside each run; the reference
+    # chain alone keeps it short.
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    sweep = [
+        "--multirun",
+        "chains=[reference]",
+        "agent.lr=0.001,0.0003",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    cmd = [sys.executable, "-m", "experiments.pipeline", "profile=quick", *sweep]
+    assert subprocess.run(cmd, cwd=ROOT, env=env, timeout=900).returncode == 0
+    for job, lr in (("0", "0.001"), ("1", "0.0003")):
+        overrides = (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
+        assert f"agent.lr={lr}" in overrides
+        report = json.loads((tmp_path / job / "report.json").read_text())
+        for policy in ("ppo", "hpa", "tuned_hpa"):
+            assert math.isfinite(report["agents"][policy]["reference_env"]["return"])
