@@ -346,9 +346,11 @@ def _member_step(p, norm, cfg, keys, values, pos, step):
     module = dyn.Member(cfg)
     tok = dyn.tokens(norm, cfg, step)[None, None]  # (1, 1, token_dim)
     e, k, v = module.apply({"params": p}, tok, pos[None, None], method=dyn.Member.keys_values)
-    slot = (jnp.arange(cfg.window) == pos % cfg.window)[None, :, None, None]
-    keys = jnp.where(slot, k[0, 0][:, None], keys)  # (n_layers, L, H, D)
-    values = jnp.where(slot, v[0, 0][:, None], values)
+    # Ring buffer: the new step overwrites slot pos % L (a scatter once vmapped, in place in a
+    # scan's carry), the rest of the cache is only read.
+    start = (0, pos % cfg.window, 0, 0)
+    keys = jax.lax.dynamic_update_slice(keys, k[0], start)  # (n_layers, L, H, D)
+    values = jax.lax.dynamic_update_slice(values, v[0], start)
     raw = module.apply({"params": p}, e[0, 0], pos, keys, values, method=_readout)
     mean, scale = dyn.bounded_output(norm, cfg, step.metrics, step.entry_rate, raw)
     return mean, scale, keys, values, pos + 1

@@ -228,16 +228,18 @@ class Member(nn.Module):
         return self.readout(e, pos, k, v, None)
 
     def keys_values(self, tok, pos):
-        """tok (B, T, token_dim), pos (B, T) -> e (B, T, d), k and v (B, T, n_layers, H, D)."""
+        """tok (B, T, token_dim), pos (B, T) -> e (B, T, d), k and v (B, n_layers, T, H, D).
+
+        Layers lead the time axis, as in the cache, so a step writes its slot in place."""
         e = self.embed(tok)
         h = self.kv_norm(e)
         kvs = [layer(h) for layer in self.kv]  # each (B, T, 2, H, D)
-        k = jnp.stack([rotate(self.cfg, kv[..., 0, :, :], pos) for kv in kvs], axis=-3)
-        v = jnp.stack([kv[..., 1, :, :] for kv in kvs], axis=-3)
+        k = jnp.stack([rotate(self.cfg, kv[..., 0, :, :], pos) for kv in kvs], axis=1)
+        v = jnp.stack([kv[..., 1, :, :] for kv in kvs], axis=1)
         return e, k, v
 
     def readout(self, x, qpos, k, v, bias):
-        """Query stream x (B, Q, d) at qpos (B, Q) over k, v (B, T, n_layers, H, D).
+        """Query stream x (B, Q, d) at qpos (B, Q) over k, v (B, n_layers, T, H, D).
 
         bias: (Q, T) additive attention bias (0 or -inf), or None for all keys visible.
         Returns raw outputs (B, Q, 2 S M).
@@ -245,11 +247,11 @@ class Member(nn.Module):
         scale = 1.0 / math.sqrt(self.cfg.head_dim)
         for layer in range(self.cfg.n_layers):
             q = rotate(self.cfg, self.q[layer](self.q_norm[layer](x)), qpos)  # (B, Q, H, D)
-            logits = jnp.einsum("bqhd,bthd->bhqt", q, k[:, :, layer]) * scale
+            logits = jnp.einsum("bqhd,bthd->bhqt", q, k[:, layer]) * scale
             if bias is not None:
                 logits = logits + bias
             attn = jax.nn.softmax(logits, axis=-1)
-            x = x + self.o[layer](jnp.einsum("bhqt,bthd->bqhd", attn, v[:, :, layer]))
+            x = x + self.o[layer](jnp.einsum("bhqt,bthd->bqhd", attn, v[:, layer]))
             hidden = nn.relu(self.mlp_in[layer](self.mlp_norm[layer](x)))
             x = x + self.mlp_out[layer](hidden)
         return self.head(self.out_norm(x))
@@ -336,7 +338,7 @@ def _window_forward(p, norm, cfg, window: StepInput):
     mean, scale = bounded_output(
         norm, cfg, window.metrics[:, -1], window.entry_rate[:, -1], raw[:, 0]
     )
-    cache = (jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2), jnp.full((batch,), length, jnp.int32))
+    cache = (k, v, jnp.full((batch,), length, jnp.int32))
     return mean, scale, cache
 
 
@@ -346,18 +348,12 @@ def _step_forward(p, norm, cfg, cache, step: StepInput):
     tok = tokens(norm, cfg, step)[:, None]  # (B, 1, token_dim)
     module = _member(cfg)
     e, k, v = module.apply({"params": p}, tok, pos[:, None], method=Member.keys_values)
-    slot = jax.nn.one_hot(pos % cfg.window, cfg.window, dtype=bool)[:, None, :, None, None]
-    keys = jnp.where(slot, jnp.moveaxis(k, 1, 2), keys)
-    values = jnp.where(slot, jnp.moveaxis(v, 1, 2), values)
-    raw = module.apply(
-        {"params": p},
-        e,
-        pos[:, None],
-        jnp.moveaxis(keys, 2, 1),
-        jnp.moveaxis(values, 2, 1),
-        None,
-        method=Member.readout,
-    )
+    # Ring buffer: the new step overwrites slot pos % L of each row (a scatter, in place in a
+    # scan's carry) instead of rewriting the whole cache.
+    rows, slot = jnp.arange(keys.shape[0]), pos % cfg.window
+    keys = keys.at[rows, :, slot].set(k[:, :, 0])
+    values = values.at[rows, :, slot].set(v[:, :, 0])
+    raw = module.apply({"params": p}, e, pos[:, None], keys, values, None, method=Member.readout)
     mean, scale = bounded_output(norm, cfg, step.metrics, step.entry_rate, raw[:, 0])
     return mean, scale, (keys, values, pos + 1)
 
