@@ -311,7 +311,7 @@ def bounded_output(
     x_new = x_pos.at[..., RR].set(rate)
     x_new = x_new.at[..., TP].set(throughput).at[..., ER].set(errors)
     x_new = x_new.at[..., P95].set(p95).at[..., P99].set(p99)
-    return norm.encode(x_new), scale
+    return norm.encode(x_new), scale * norm.scale_factor
 
 
 def loss_mask(cfg: DynamicsConfig) -> jnp.ndarray:

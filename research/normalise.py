@@ -61,12 +61,15 @@ class Normaliser:
         mu: (S, M) mean of log1p(x / unit).
         sd: (S, M) standard deviation of log1p(x / unit), at least SD_FLOOR.
         delta_unit: (S, 2) scales of the spreads p95 - p50 and p99 - p95, in seconds.
+        scale_factor: (S, M) factor on the model's predicted scales, fitted after training on
+            validation windows (`research.calibration`); ones until then.
     """
 
     unit: jnp.ndarray
     mu: jnp.ndarray
     sd: jnp.ndarray
     delta_unit: jnp.ndarray
+    scale_factor: jnp.ndarray
 
     def to_y(self, x_phys: jnp.ndarray) -> jnp.ndarray:
         """Log space: (..., S, M) physical -> (..., S, M) log1p(x / unit)."""
@@ -90,7 +93,8 @@ class Normaliser:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normaliser:
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`. Checkpoints written before calibration existed get ones."""
+        data = {"scale_factor": np.ones_like(data["mu"]), **data}
         return cls(**{name: jnp.asarray(data[name], jnp.float32) for name in _FIELDS})
 
     @classmethod
@@ -102,10 +106,11 @@ class Normaliser:
             mu=jnp.zeros(shape, jnp.float32),
             sd=jnp.ones(shape, jnp.float32),
             delta_unit=jnp.full((n_services, 2), 1e-3, jnp.float32),
+            scale_factor=jnp.ones(shape, jnp.float32),
         )
 
 
-_FIELDS = ("unit", "mu", "sd", "delta_unit")
+_FIELDS = ("unit", "mu", "sd", "delta_unit", "scale_factor")
 
 
 def fit_normaliser(metrics: np.ndarray, mask: np.ndarray) -> Normaliser:
@@ -134,6 +139,7 @@ def fit_normaliser(metrics: np.ndarray, mask: np.ndarray) -> Normaliser:
         mu=jnp.asarray(mu, jnp.float32),
         sd=jnp.asarray(sd, jnp.float32),
         delta_unit=jnp.asarray(delta_unit, jnp.float32),
+        scale_factor=jnp.ones(unit.shape, jnp.float32),
     )
 
 

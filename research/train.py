@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from collectors.errors import ConfigError, DataError
 from research import model as dyn
+from research.calibration import fit_scale_factor
 from research.data import DataConfig, WindowSet, load_runs, make_windows, split_labels
 from research.logger import MetricsLogger
 from research.normalise import Normaliser, fit_normaliser
@@ -348,6 +349,10 @@ def fit(
     val = make_windows(runs, norm, L, H, labels, 1)
     log.info("windows: train %d, val %d, runs %d", len(train), len(val), len(runs))
     params, history = fit_windows(train, val, model_cfg, train_cfg, norm, logger)
+    if len(val):
+        factor = fit_scale_factor(params, model_cfg, val)
+        params = {**params, "norm": params["norm"].replace(scale_factor=factor)}
+        log.info("scale calibration on validation: median factor %.2f", float(jnp.median(factor)))
 
     first = runs[0]
     meta = {

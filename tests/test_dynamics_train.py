@@ -8,9 +8,10 @@ import pytest
 from research import model as dyn
 from research import synthetic
 from research.accuracy import evaluate
+from research.calibration import fit_scale_factor
 from research.checkpoint import ModelBundle, load_model
 from research.data import load_runs, make_windows, stack_runs
-from research.normalise import fit_normaliser
+from research.normalise import Normaliser, fit_normaliser
 from research.online import OnlineConfig, update
 from research.train import TrainConfig, compiled_steps, fit, fit_windows
 
@@ -75,6 +76,17 @@ def persistence_mse(windows) -> float:
     return float(err.sum() / weight.sum())
 
 
+def coverage90(params, windows) -> float:
+    """Share of learned, measured one-step targets inside the mixture's central 90% interval."""
+    batch = windows.batch(np.arange(len(windows)))
+    window = jax.tree.map(lambda a: a[:, : CFG.window], batch)
+    mean, scale = jax.jit(dyn.predict, static_argnums=1)(params, CFG, window)
+    mix_mean, mix_sd = dyn.ensemble_moments(mean, scale)
+    inside = jnp.abs(batch.metrics[:, CFG.window] - mix_mean) <= dyn.Z90 * mix_sd
+    weight = batch.mask[:, CFG.window] * dyn.loss_mask(CFG)
+    return float((inside * weight).sum() / weight.sum())
+
+
 def test_train_step_compiles_once(trained):
     _, _, history = trained
     # the curriculum grew the rollout horizon from 1 to H while training: weights, not shapes
@@ -122,3 +134,25 @@ def test_fit_writes_a_checkpoint_that_evaluates(tmp_path):
         assert all(np.isfinite(v) for v in result["nrmse"][name].values())
     assert 0.0 <= result["coverage90"] <= 1.0
     assert result["bound_violations"] == 0
+
+
+def test_scale_calibration_reaches_the_target_coverage(regimes, trained):
+    _, new, _ = regimes
+    _, params, _ = trained
+    # trained on one batch of the old regime, the tiny model is overconfident on the new one
+    before = coverage90(params, new)
+    factor = fit_scale_factor(params, CFG, new)
+    calibrated = {**params, "norm": params["norm"].replace(scale_factor=factor)}
+    after = coverage90(calibrated, new)
+    assert before < 0.85
+    assert 0.9 <= after <= 0.95
+    assert float(factor.max()) > 1.0
+    # fitting again on the calibrated model changes nothing
+    again = fit_scale_factor(calibrated, CFG, new)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(factor), rtol=0.05)
+
+
+def test_checkpoints_without_a_scale_factor_load_with_ones():
+    norm = Normaliser.identity(4)
+    old = {k: v for k, v in norm.to_dict().items() if k != "scale_factor"}
+    assert bool(jnp.all(Normaliser.from_dict(old).scale_factor == 1.0))
