@@ -206,10 +206,13 @@ def train_model(cfg, dataset: Path, out_dir: Path) -> dict[str, Any]:
     from research.logger import MetricsLogger
     from research.train import fit
 
+    data_prep = plain(cfg.data_prep)
+    # metrics the source never measures (e.g. Nezha's error ratio) are masked, not an error
+    missing = [*data_prep.get("missing_ok", []), *cfg.source.get("missing_ok", [])]
     section = {
         "model": plain(cfg.model),
         "train": plain(cfg.train),
-        "data_prep": plain(cfg.data_prep),
+        "data_prep": {**data_prep, "missing_ok": missing},
     }
     with MetricsLogger(run_dir=out_dir, config=section, use_wandb=bool(cfg.wandb)) as logger:
         checkpoint = fit(dataset, section, out_dir, logger=logger)
@@ -278,9 +281,8 @@ def learned_env(cfg, checkpoint: str, dataset: Path, chain: str):
     env = ClusterEnv.from_bundle(
         bundle, _layout(cfg, bundle, chain), window_steps=int(cfg.env.window_steps)
     )
-    runs = load_runs(
-        dataset, services=bundle.services, missing_ok=bundle.meta.get("missing_ok", ())
-    )
+    missing_ok = bundle.meta.get("data_config", {}).get("missing_ok", ())
+    runs = load_runs(dataset, services=bundle.services, missing_ok=missing_ok)
     params = env.make_params(
         bundle.params,
         runs,

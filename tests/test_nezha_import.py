@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -176,3 +177,18 @@ def test_entry_point_prints_a_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "run nezha-20220823: 721 steps, 10 services, 8 nodes, 32 events" in result.stdout
     assert (tmp_path / "ds" / "runs").is_dir()
+
+
+def test_pipeline_trains_and_scores_on_nezha(tmp_path):
+    # Nezha never measures the error ratio or p50 latency: the source's missing_ok masks them.
+    tiny = ["model.d_model=16", "model.n_layers=1", "model.ensemble=2", "train=quick",
+            "train.steps=20", "train.eval_every=10", "wandb=false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "experiments.pipeline", "source=nezha", f"source.path={NEZHA}",
+           "chains=[testbed]", f"hydra.run.dir={tmp_path}", *tiny]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    expected = {"runs": 1, "steps": 721, "services": 10, "fault_events": 32}
+    assert {k: report["data"][k] for k in expected} == expected
+    assert all(math.isfinite(v) for v in report["model"]["nrmse"]["model"].values())
+    assert report["model"]["bound_violations"] == 0
