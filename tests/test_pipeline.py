@@ -131,13 +131,9 @@ def test_two_point_multirun_on_the_quick_profile(tmp_path):
     # Hyperparameters across runs (Hydra multirun), seeds vmapped inside each run; the reference
     # chain alone keeps it short.
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    sweep = [
-        "--multirun",
-        "chains=[reference]",
-        "agent.lr=0.001,0.0003",
-        f"hydra.sweep.dir={tmp_path}",
-    ]
-    cmd = [sys.executable, "-m", "experiments.pipeline", "profile=quick", *sweep]
+    # Hydra's flags go before the overrides: argparse takes no flag after the positionals
+    sweep = ["chains=[reference]", "agent.lr=0.001,0.0003", f"hydra.sweep.dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "experiments.pipeline", "--multirun", "profile=quick", *sweep]
     assert subprocess.run(cmd, cwd=ROOT, env=env, timeout=900).returncode == 0
     for job, lr in (("0", "0.001"), ("1", "0.0003")):
         overrides = (tmp_path / job / ".hydra" / "overrides.yaml").read_text()
