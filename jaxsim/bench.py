@@ -15,43 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from collectors.schema import FAULT_TYPES, METRIC_COLUMNS
 from jaxsim.cluster_env import ClusterEnv
 from jaxsim.core import SERVICES
 from jaxsim.queueing_env import QueueingEnv, reference_normaliser
 from jaxsim.rollout import random_policy, rollout
 from research import model as dyn
-from research.data import RunArrays
-
-
-def synthetic_runs(n_runs: int, n_steps: int, seed: int = 0) -> list[RunArrays]:
-    """Runs of `research.synthetic` as `RunArrays` (workload and starts for the benchmark)."""
-    from research.synthetic import simulate_run
-
-    rate = METRIC_COLUMNS.index("request_rate_rps")
-    runs = []
-    for i in range(n_runs):
-        arrays, events = simulate_run(n_steps, seed + i, fault_rate=0.02)
-        faults = np.zeros((n_steps, len(SERVICES), len(FAULT_TYPES)), np.float32)
-        for e in events:
-            s, f = SERVICES.index(e["target"]), FAULT_TYPES.index(e["type"])
-            faults[e["start"] : e["end"], s, f] = e["severity"]
-        metrics = arrays["metrics"].astype(np.float32)
-        runs.append(
-            RunArrays(
-                run_id=f"bench-{seed + i}",
-                services=list(SERVICES),
-                entry_index=0,
-                metrics=metrics,
-                mask=np.ones_like(metrics),
-                replicas=arrays["replicas"].astype(np.float32),
-                entry_rate=metrics[:, 0, rate],
-                faults=faults,
-            )
-        )
-    return runs
+from research.synthetic import run_arrays
 
 
 def keep_reward_mean(obs, state, reward, done, info) -> jax.Array:
@@ -131,7 +101,7 @@ def run_benchmark(
         cfg = dyn.DynamicsConfig(n_services=len(SERVICES), **dict(model_cfg))
         model = dyn.init_params(cfg, jax.random.key(0), reference_normaliser(len(SERVICES)))
         env = ClusterEnv(cfg, window_steps=window_steps)
-    runs = synthetic_runs(2, cfg.window + episode_steps + 100)
+    runs = run_arrays(2, cfg.window + episode_steps + 100, prefix="bench")
     params = env.make_params(model, runs, n_starts=n_starts, max_steps_in_episode=episode_steps)
 
     note("matmul peak")

@@ -128,6 +128,33 @@ def _one_step(entry_rps, ready, sev, backlog, capacity_scale, interval_s):
     return out, backlog
 
 
+def run_arrays(n_runs: int, n_steps: int, seed: int = 0, fault_rate: float = 0.02, prefix="syn"):
+    """`n_runs` simulated runs as `research.data.RunArrays`, faults included, without Parquet."""
+    from research.data import RunArrays
+
+    rate = METRIC_COLUMNS.index("request_rate_rps")
+    runs = []
+    for i in range(n_runs):
+        arrays, events = simulate_run(n_steps, seed + i, fault_rate=fault_rate)
+        faults = np.zeros((n_steps, len(SERVICES), len(FAULT_TYPES)), np.float32)
+        for e in events:
+            s, f = SERVICES.index(e["target"]), FAULT_TYPES.index(e["type"])
+            faults[e["start"] : e["end"], s, f] = e["severity"]
+        metrics = arrays["metrics"].astype(np.float32)
+        run = RunArrays(
+            run_id=f"{prefix}-{seed + i}",
+            services=list(SERVICES),
+            entry_index=0,
+            metrics=metrics,
+            mask=np.ones_like(metrics),
+            replicas=arrays["replicas"].astype(np.float32),
+            entry_rate=metrics[:, 0, rate],
+            faults=faults,
+        )
+        runs.append(run)
+    return runs
+
+
 def write_dataset(
     path: str | Path,
     n_runs: int = 3,

@@ -25,7 +25,7 @@ from jaxsim.rollout import python_loop_rollout, random_policy, rollout
 from research import model as dyn
 from research.checkpoint import load_model, save_checkpoint
 from research.data import RunArrays
-from research.synthetic import simulate_run
+from research.synthetic import run_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 M = {name: i for i, name in enumerate(METRIC_COLUMNS)}
@@ -34,27 +34,7 @@ TINY = dict(window=4, d_model=8, n_layers=1, n_heads=2, mlp_ratio=2, ensemble=2)
 
 def make_runs(n_runs: int = 2, n_steps: int = 300, seed: int = 0) -> list[RunArrays]:
     """Runs of the synthetic simulator as `RunArrays`, faults included."""
-    runs = []
-    for i in range(n_runs):
-        arrays, events = simulate_run(n_steps, seed + i, fault_rate=0.05)
-        faults = np.zeros((n_steps, len(SERVICES), len(FAULT_TYPES)), np.float32)
-        for e in events:
-            s, f = SERVICES.index(e["target"]), FAULT_TYPES.index(e["type"])
-            faults[e["start"] : e["end"], s, f] = e["severity"]
-        metrics = arrays["metrics"].astype(np.float32)
-        runs.append(
-            RunArrays(
-                run_id=f"synthetic-{seed + i}",
-                services=list(SERVICES),
-                entry_index=0,
-                metrics=metrics,
-                mask=np.ones_like(metrics),
-                replicas=arrays["replicas"].astype(np.float32),
-                entry_rate=metrics[:, 0, M["request_rate_rps"]],
-                faults=faults,
-            )
-        )
-    return runs
+    return run_arrays(n_runs, n_steps, seed, fault_rate=0.05, prefix="synthetic")
 
 
 def save_tiny_checkpoint(path: Path, seed: int = 0, services=SERVICES, **cfg_overrides) -> Path:
